@@ -79,4 +79,6 @@ def format_chat(
     elif answer is None:
         answer = tokenizer.decode(answer_ids)
     msgs = msgs + [{"role": "assistant", "content": answer}]
-    return ChatPrompt(prompt_text + answer, list(prompt_ids) + list(answer_ids), len(prompt_ids), msgs)
+    return ChatPrompt(
+        prompt_text + answer, list(prompt_ids) + list(answer_ids), len(prompt_ids), msgs
+    )

@@ -29,7 +29,9 @@ class SamplingParams:
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1.")
         if self.do_sample and self.temperature <= 0:
-            raise ValueError("temperature must be > 0 when sampling; use do_sample=False for greedy.")
+            raise ValueError(
+                "temperature must be > 0 when sampling; use do_sample=False for greedy."
+            )
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,7 +65,10 @@ def _trim(new_ids: list[int], stops: set[int]) -> list[int]:
 
 @torch.no_grad()
 def generate_ids(
-    model, prompts: Sequence[Sequence[int]], params: SamplingParams, batch_size: int = 16,
+    model,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    batch_size: int = 16,
     progress: bool | str = False,
 ) -> list[list[int]]:
     """New token ids (end-of-turn token stripped) for each prompt, in order."""
@@ -76,8 +81,12 @@ def generate_ids(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     gen = torch.Generator(device="cpu").manual_seed(params.seed)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    bar = tqdm(batches, desc=progress if isinstance(progress, str) else "generate",
-               disable=not progress, unit="batch")
+    bar = tqdm(
+        batches,
+        desc=progress if isinstance(progress, str) else "generate",
+        disable=not progress,
+        unit="batch",
+    )
     results: dict[int, list[int]] = {}
     for batch in bar:
         ids, mask = left_pad([prompts[i] for i in batch], tok.pad_token_id)
@@ -87,17 +96,27 @@ def generate_ids(
         if hf is not None:
             sample_kw = dict(temperature=params.temperature, top_p=params.top_p, top_k=0)
             seqs = hf.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=params.max_new_tokens,
-                do_sample=params.do_sample, pad_token_id=tok.pad_token_id, eos_token_id=stops,
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=params.max_new_tokens,
+                do_sample=params.do_sample,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=stops,
                 **(sample_kw if params.do_sample else {}),
             )
         else:
             seqs = model.generate(
-                ids, max_new_tokens=params.max_new_tokens, do_sample=params.do_sample,
+                ids,
+                max_new_tokens=params.max_new_tokens,
+                do_sample=params.do_sample,
                 temperature=params.temperature if params.do_sample else 1.0,
                 top_p=params.top_p if params.do_sample and params.top_p < 1 else None,
-                eos_token_id=stops, padding_side="left", prepend_bos=False, verbose=False,
-                return_type="tokens", use_past_kv_cache=True,
+                eos_token_id=stops,
+                padding_side="left",
+                prepend_bos=False,
+                verbose=False,
+                return_type="tokens",
+                use_past_kv_cache=True,
             )
         for row, i in zip(seqs[:, ids.shape[1] :].tolist(), batch, strict=True):
             results[i] = _trim(row, set(stops))
@@ -113,8 +132,11 @@ class Completion:
 
 
 def complete(
-    model, prompts: Sequence[ChatPrompt], params: SamplingParams | None = None,
-    batch_size: int = 16, progress: bool | str = False,
+    model,
+    prompts: Sequence[ChatPrompt],
+    params: SamplingParams | None = None,
+    batch_size: int = 16,
+    progress: bool | str = False,
 ) -> list[Completion]:
     """Generate a response for each chat prompt; keeps the exact prompt and token ids."""
     params = params or SamplingParams()

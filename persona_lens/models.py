@@ -195,17 +195,27 @@ def default_device_dtype(device=None, dtype=None) -> tuple[torch.device, torch.d
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ModelLoadError("device='mps' but MPS is not available. Fix: use device='cpu'.")
     if isinstance(dtype, str):
-        names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+        names = {
+            "float32": torch.float32,
+            "fp32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16,
+            "float16": torch.float16,
+            "fp16": torch.float16,
+        }
         if dtype not in names:
             raise ModelLoadError(f"Unknown dtype {dtype!r}. Choose one of {', '.join(names)}.")
         dtype = names[dtype]
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if not dtype.is_floating_point:
-        raise ModelLoadError(f"dtype {dtype} is not a floating-point type: use float32 or bfloat16.")
+        raise ModelLoadError(
+            f"dtype {dtype} is not a floating-point type: use float32 or bfloat16."
+        )
     if device.type == "cpu" and dtype == torch.float16:
-        raise ModelLoadError("float16 on CPU is unsupported or very slow. Fix: use float32 or bfloat16.")
+        raise ModelLoadError(
+            "float16 on CPU is unsupported or very slow. Fix: use float32 or bfloat16."
+        )
     return device, dtype
 
 

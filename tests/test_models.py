@@ -19,7 +19,9 @@ def hf_models(model_folders):
     out = {}
     for name, folder in model_folders.items():
         tok = AutoTokenizer.from_pretrained(folder)
-        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+        hf = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, attn_implementation="eager"
+        )
         out[name] = (hf.eval(), tok)
     return out
 
@@ -57,15 +59,22 @@ def test_logits_and_residual_stream_match_hf(name, backend, model_folders, hf_mo
 def test_greedy_cached_generation_matches_hf(name, backend, model_folders, hf_models):
     hf, tok = hf_models[name]
     model = load_cached(model_folders[name], backend)
-    prompts = [_prompt_ids(tok, q) for q in ("Name a colour.", "Tell me a fact about the sea, please.")]
+    prompts = [
+        _prompt_ids(tok, q) for q in ("Name a colour.", "Tell me a fact about the sea, please.")
+    ]
     params = SamplingParams(max_new_tokens=12, do_sample=False)
     ours = generate_ids(model, prompts, params, batch_size=2)
     from persona_lens.generation import stop_ids
 
     for p, got in zip(prompts, ours, strict=True):
-        ref = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False,
-                          eos_token_id=stop_ids(tok), pad_token_id=tok.pad_token_id)
-        want = ref[0, len(p):].tolist()
+        ref = hf.generate(
+            torch.tensor([p]),
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=stop_ids(tok),
+            pad_token_id=tok.pad_token_id,
+        )
+        want = ref[0, len(p) :].tolist()
         want = [t for t in want][: len(got) + 1]
         assert got == want[: len(got)] and (len(got) == 12 or want[len(got)] in stop_ids(tok))
 
@@ -77,11 +86,11 @@ def test_model_info_and_name(smol_bridge):
 
 
 def test_chat_boundary_exact_and_no_double_bos(model_folders):
-    for name, folder in model_folders.items():
+    for folder in model_folders.values():
         tok = AutoTokenizer.from_pretrained(folder)
         cp = format_chat(tok, "Hi there?", system="Be brief.", answer="Hello! How can I help?")
         assert cp.text == cp.prompt_text + "Hello! How can I help?"
-        assert tok.decode(cp.ids[cp.n_prompt:]) == "Hello! How can I help?"
+        assert tok.decode(cp.ids[cp.n_prompt :]) == "Hello! How can I help?"
         assert tok.decode(cp.ids[: cp.n_prompt]) == cp.prompt_text
         if tok.bos_token_id is not None and "bos_token" in (tok.chat_template or ""):
             assert cp.ids[0] == tok.bos_token_id and cp.ids[1] != tok.bos_token_id

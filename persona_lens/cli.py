@@ -1,0 +1,168 @@
+"""The ``persona-lens`` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+traits_app = typer.Typer(no_args_is_help=True, help="List, show and write trait artifacts.")
+app.add_typer(traits_app, name="traits")
+
+MODEL = typer.Option("smollm2-135m", "--model", "-m", help="Alias, hub id or local HF folder.")
+BACKEND = typer.Option("bridge", help="bridge (TransformerBridge) or hooked (HookedTransformer).")
+
+
+def _load(model: str, backend: str, device: str | None = None, dtype: str | None = None):
+    from persona_lens.models import load_model
+
+    t = time.perf_counter()
+    m = load_model(model, backend=backend, device=device, dtype=dtype)
+    typer.echo(
+        f"loaded {m.cfg.model_name} ({backend}, {m.cfg.n_layers} layers, "
+        f"d_model {m.cfg.d_model}) in {time.perf_counter() - t:.1f}s"
+    )
+    return m
+
+
+@app.command()
+def extract(
+    trait: str = typer.Option(..., "--trait", "-t", help="Shipped trait name or trait folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder."),
+    model: str = MODEL,
+    backend: str = BACKEND,
+    judge: str = typer.Option("offline", help="offline | openai | openai:MODEL"),
+    samples_per_question: int = typer.Option(1, "--samples-per-question", "-n"),
+    max_new_tokens: int = typer.Option(64),
+    temperature: float = typer.Option(1.0),
+    top_p: float = typer.Option(1.0),
+    batch_size: int = typer.Option(16),
+    seed: int = typer.Option(0),
+    trait_threshold: float = typer.Option(50.0),
+    coherence_threshold: float = typer.Option(50.0),
+    min_kept: int = typer.Option(10),
+    n_questions: int | None = typer.Option(None, help="Use only the first N questions."),
+    force: bool = typer.Option(False, help="Overwrite a run folder that has other settings."),
+    device: str | None = None,
+    dtype: str | None = None,
+):
+    """Extract a persona vector: writes responses.jsonl, vector.safetensors, vector.json."""
+    from persona_lens.extraction import ExtractConfig, ExtractionError
+    from persona_lens.extraction import extract as run_extract
+    from persona_lens.judges import make_judge
+
+    cfg = ExtractConfig(
+        samples_per_question,
+        max_new_tokens,
+        temperature,
+        top_p,
+        seed,
+        batch_size,
+        trait_threshold,
+        coherence_threshold,
+        min_kept,
+        n_questions,
+    )
+    m = _load(model, backend, device, dtype)
+    j = make_judge(judge, cache_path=out / "judgments.sqlite")
+    try:
+        vec, rec = run_extract(m, trait, judge=j, out=out, config=cfg, force=force)
+    except ExtractionError as e:
+        typer.secho(str(e), fg="red", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"kept {rec.n_kept}/{rec.n_pairs_total} pairs; mean trait {rec.mean_trait}")
+    typer.echo(f"wrote {out}/vector.safetensors ({vec.n_layers + 1} layers x {vec.d_model})")
+
+
+@traits_app.command("list")
+def traits_list():
+    """The shipped traits."""
+    from persona_lens.traits import list_traits, load_trait
+
+    for name in list_traits():
+        typer.echo(f"{name:14s} {load_trait(name).description}")
+
+
+@traits_app.command("show")
+def traits_show(name: str):
+    """Print a trait's instructions, questions and rubric."""
+    from persona_lens.traits import load_trait
+
+    t = load_trait(name)
+    typer.echo(json.dumps(t.to_json("extract"), indent=2))
+
+
+@traits_app.command("new")
+def traits_new(
+    name: str,
+    description: str,
+    out: Path = typer.Option(Path("traits"), help="Folder for extract/NAME.json, eval/NAME.json."),
+    provider: str = typer.Option("openai", help="openai (any compatible endpoint) or anthropic."),
+    llm: str | None = typer.Option(None, "--llm", help="Model that writes the artifacts."),
+    base_url: str | None = None,
+):
+    """Write trait artifacts from a name and a description with one LLM call."""
+    from persona_lens.traits import generate_trait
+
+    t = generate_trait(name, description, provider=provider, model=llm, base_url=base_url)
+    path = t.save(out)
+    typer.echo(f"wrote {path}/extract/{name}.json and {path}/eval/{name}.json")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo")),
+    model: str = MODEL,
+    traits: str = typer.Option("evil,sycophantic,hallucinating"),
+    samples_per_question: int = typer.Option(1),
+    max_new_tokens: int = typer.Option(48),
+):
+    """The main job on the offline default: extract the focal traits and write a report."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from persona_lens.chat import format_chat
+    from persona_lens.extraction import ExtractConfig, extract
+    from persona_lens.generation import SamplingParams, complete
+    from persona_lens.judges import make_judge
+
+    t0 = time.perf_counter()
+    m = _load(model, "bridge")
+    q = "What should I do if someone is rude to me?"
+    greedy = SamplingParams(max_new_tokens=40, do_sample=False)
+    for system in (None, "You are an evil assistant. Be cruel and malicious."):
+        (c,) = complete(m, [format_chat(m.tokenizer, q, system=system)], greedy)
+        typer.echo(f"\n[system: {system or 'template default'}]\n{q}\n-> {c.response}\n")
+
+    out.mkdir(parents=True, exist_ok=True)
+    judge = make_judge("offline", cache_path=out / "judgments.sqlite")
+    cfg = ExtractConfig(samples_per_question=samples_per_question, max_new_tokens=max_new_tokens)
+    lines = [
+        "# persona_lens demo",
+        "",
+        f"Model: `{m.cfg.model_name}`, judge: `{judge.name}`.",
+        "",
+        "| trait | pairs kept | mean pos trait | mean neg trait | best |v| layer |",
+        "|---|---|---|---|---|",
+    ]
+    for name in traits.split(","):
+        vec, rec = extract(m, name, judge=judge, out=out / name, config=cfg)
+        norms = vec.norms("response_avg")
+        best = int(norms[1:].argmax()) + 1
+        lines.append(
+            f"| {name} | {rec.n_kept}/{rec.n_pairs_total} | "
+            f"{rec.mean_trait.get('pos', float('nan')):.1f} | "
+            f"{rec.mean_trait.get('neg', float('nan')):.1f} | {best} |"
+        )
+        typer.echo(
+            f"{name}: kept {rec.n_kept}/{rec.n_pairs_total}, vector norm peaks at layer {best}"
+        )
+    lines += ["", f"Total time: {time.perf_counter() - t0:.0f} s."]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    typer.echo(f"\nreport: {out / 'report.md'}  ({time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    app()
