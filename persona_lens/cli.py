@@ -78,6 +78,122 @@ def extract(
     typer.echo(f"wrote {out}/vector.safetensors ({vec.n_layers + 1} layers x {vec.d_model})")
 
 
+def _vector(path: Path, model):
+    from persona_lens.vectors import load_vector
+
+    vec = load_vector(path)
+    vec.check_model(model)
+    return vec
+
+
+def _judge(name: str, cache: Path, model=None):
+    """A judge whose cache lives in the run folder; the offline one reuses the loaded model."""
+    from persona_lens.judges import make_judge
+    from persona_lens.models import hf_model_of
+
+    kw = {"cache_path": cache}
+    if name == "offline" and model is not None and hf_model_of(model) is not None:
+        kw["model"] = (hf_model_of(model), model.tokenizer)
+    return make_judge(name, **kw)
+
+
+@app.command()
+def steer(
+    prompt: str,
+    vector: Path = typer.Option(..., help="Run folder (or vector file) from `extract`."),
+    layer: int = typer.Option(..., help="Layer (0 = embeddings, L = output of block L-1)."),
+    coef: float = typer.Option(..., help="Coefficient in units of the raw vector."),
+    positions: str = typer.Option("response", help="all | prompt | response"),
+    ablate: bool = typer.Option(False, help="Also show the direction ablated at every layer."),
+    system: str | None = None,
+    max_new_tokens: int = 64,
+    model: str = MODEL,
+    backend: str = BACKEND,
+):
+    """Print unsteered and steered (greedy) completions side by side."""
+    from persona_lens import steering
+    from persona_lens.chat import format_chat
+    from persona_lens.generation import SamplingParams, complete
+
+    m = _load(model, backend)
+    vec = _vector(vector, m)
+    chat = [format_chat(m.tokenizer, prompt, system=system)]
+    params = SamplingParams(max_new_tokens=max_new_tokens, do_sample=False)
+    shown = [("unsteered", complete(m, chat, params)[0].response)]
+    with steering.steer(m, vec, layer=layer, coef=coef, positions=positions):
+        shown.append(
+            (f"steered (layer {layer}, coef {coef:+g})", complete(m, chat, params)[0].response)
+        )
+    if ablate:
+        with steering.ablate(m, vec):
+            shown.append(("ablated (all layers)", complete(m, chat, params)[0].response))
+    for title, text in shown:
+        typer.echo(f"--- {title} ---\n{text.strip()}\n")
+
+
+def _floats(text: str | None) -> list[float] | None:
+    return None if not text else [float(x) for x in text.split(",")]
+
+
+@app.command()
+def sweep(
+    vector: Path = typer.Option(..., help="Run folder from `extract`."),
+    out: Path = typer.Option(..., "--out", "-o"),
+    trait: str | None = typer.Option(None, help="Defaults to the vector's own trait."),
+    layers: str | None = typer.Option(None, help="Comma-separated layers (default: all)."),
+    coefs: str | None = typer.Option(None, help="Comma-separated coefficients."),
+    judge: str = typer.Option("offline"),
+    min_coherence: float = typer.Option(80.0),
+    prescreen_top: int | None = typer.Option(None, help="Sweep only the top-K layers by AUROC."),
+    n_questions: int | None = None,
+    max_new_tokens: int = 48,
+    model: str = MODEL,
+    backend: str = BACKEND,
+):
+    """Layer x coefficient sweep: sweep.jsonl, best.json, sweep.png/pdf."""
+    from persona_lens.evaluation import PAPER_COEFS, run_sweep
+
+    m = _load(model, backend)
+    vec = _vector(vector, m)
+    kw = {"max_new_tokens": max_new_tokens}
+    if n_questions:
+        kw["n_questions"] = n_questions
+    best = run_sweep(
+        m, vec, trait or vec.trait, out,
+        layers=[int(x) for x in _floats(layers)] if layers else None,
+        coefs=_floats(coefs) or PAPER_COEFS, judge=_judge(judge, out / "judgments.sqlite", m),
+        min_coherence=min_coherence, prescreen_top=prescreen_top, **kw,
+    )  # fmt: skip
+    typer.echo(json.dumps(best, indent=2))
+
+
+@app.command()
+def monitor(
+    vector: Path = typer.Option(..., help="Run folder from `extract`."),
+    layer: int = typer.Option(...),
+    out: Path = typer.Option(..., "--out", "-o"),
+    experiment: str = typer.Option("spectrum", help="spectrum | manyshot"),
+    trait: str | None = typer.Option(None, help="Defaults to the vector's own trait."),
+    judge: str = typer.Option("offline"),
+    samples: int = typer.Option(1, help="Samples per condition and question."),
+    n_questions: int | None = None,
+    max_new_tokens: int = 48,
+    force: bool = False,
+    model: str = MODEL,
+    backend: str = BACKEND,
+):
+    """Predict the trait from the last prompt token: projections.jsonl, summary.json, figures."""
+    from persona_lens.monitoring import run_monitor
+
+    m = _load(model, backend)
+    run = run_monitor(
+        m, vector, trait, layer, experiment, out, _judge(judge, out / "judgments.sqlite", m),
+        n_samples=samples, n_questions=n_questions, max_new_tokens=max_new_tokens, force=force,
+    )  # fmt: skip
+    typer.echo(str(run.summary.overall))
+    typer.echo(f"wrote {', '.join(str(p) for p in run.files.values())}")
+
+
 @traits_app.command("list")
 def traits_list():
     """The shipped traits."""

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from persona_lens.activations import mean_activations
 from persona_lens.chat import ChatPrompt, format_chat
 from persona_lens.generation import SamplingParams, generate_ids
-from persona_lens.models import model_info
+from persona_lens.models import hf_model_of, model_info
 from persona_lens.traits import Trait, load_trait
 from persona_lens.vectors import POOLINGS, PersonaVector
 
@@ -260,7 +260,10 @@ def extract(
     cfg = config or ExtractConfig()
     trait = load_trait(trait) if isinstance(trait, str) else trait
     out = Path(out) if out is not None else Path("runs") / trait.name
-    judge = make_judge("offline", cache_path=out / "judgments.sqlite") if judge is None else judge
+    if judge is None:  # the offline judge, reusing this model's weights for coherence
+        hf = hf_model_of(model)
+        lm = {"model": (hf, model.tokenizer)} if hf is not None else {}
+        judge = make_judge("offline", cache_path=out / "judgments.sqlite", **lm)
     settings = _settings(model, trait, cfg)
     _check_run_folder(out, settings, force)
 

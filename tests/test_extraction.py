@@ -8,9 +8,9 @@ import shutil
 import pytest
 import torch
 from conftest import load_cached
-from persona_lens.judges import make_judge
 
 from persona_lens.extraction import ExtractConfig, ExtractionError, extract
+from persona_lens.judges import make_judge
 from persona_lens.vectors import POOLINGS, load_vector
 
 CFG = ExtractConfig(
@@ -23,11 +23,19 @@ CFG = ExtractConfig(
 )
 
 
+def _judge(model, out):
+    return make_judge(
+        "offline",
+        cache_path=out / "judgments.sqlite",
+        model=(model.original_model, model.tokenizer),
+    )
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, smol_folder):
     out = tmp_path_factory.mktemp("run") / "evil"
     model = load_cached(smol_folder, "bridge")
-    judge = make_judge("offline", cache_path=out / "judgments.sqlite")
+    judge = _judge(model, out)
     vec, rec = extract(model, "evil", judge=judge, out=out, config=CFG, progress=False)
     return out, vec, rec
 
@@ -120,7 +128,7 @@ def test_rerun_reuses_everything_and_resumes(run, smol_folder, tmp_path):
     # A run killed mid-write: some rows done, the last one cut in half.
     (copy / "responses.jsonl").write_text("\n".join(lines[:25]) + "\n" + lines[25][:40])
     model = load_cached(smol_folder, "bridge")
-    judge = make_judge("offline", cache_path=copy / "judgments.sqlite")
+    judge = _judge(model, copy)
     vec2, _ = extract(model, "evil", judge=judge, out=copy, config=CFG, progress=False)
     rows = [json.loads(line) for line in (copy / "responses.jsonl").read_text().splitlines()]
     old = [json.loads(line) for line in lines]
