@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from persona_lens import format_chat, load_model
-from persona_lens.activations import mean_activations, pooled_activations
+from persona_lens.activations import pooled_activations
 from persona_lens.traits import load_trait
 
 RESULTS = Path(__file__).parent / "results"
@@ -36,8 +36,11 @@ def conversations(tok, n: int):
     out = []
     for i in range(n):
         answer = " ".join(words[j % len(words)] for j in range(24 + (i * 7) % 48))
-        out.append(format_chat(tok, qs[i % len(qs)], system=trait.system_prompt("pos", i % 5),
-                               answer=answer))
+        out.append(
+            format_chat(
+                tok, qs[i % len(qs)], system=trait.system_prompt("pos", i % 5), answer=answer
+            )
+        )
     return out
 
 
@@ -74,13 +77,16 @@ def timed(fn, repeat: int = 2) -> float:
 
 
 def peak_rss_mb(n: int, batch: int) -> float:
+    """Peak resident memory of a fresh process that averages n conversations."""
     code = (
-        "import os,resource;os.environ['HF_HUB_OFFLINE']='1';"
-        "import sys;sys.path.insert(0,%r);from bench_activations import *;"
-        "m=load_model('smollm2-135m');c=conversations(m.tokenizer,%d);"
-        "mean_activations(m,c,batch_size=%d);"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)"
-    ) % (str(Path(__file__).parent), n, batch)
+        f"import sys, resource; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from bench_activations import conversations\n"
+        "from persona_lens import load_model\n"
+        "from persona_lens.activations import mean_activations\n"
+        "m = load_model('smollm2-135m')\n"
+        f"mean_activations(m, conversations(m.tokenizer, {n}), batch_size={batch})\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
