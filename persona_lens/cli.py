@@ -236,46 +236,79 @@ def demo(
     traits: str = typer.Option("evil,sycophantic,hallucinating"),
     samples_per_question: int = typer.Option(1),
     max_new_tokens: int = typer.Option(48),
+    coef: float = typer.Option(4.0, help="Steering coefficient for the examples."),
 ):
-    """The main job on the offline default: extract the focal traits and write a report."""
+    """The main job on the offline default: extract the focal traits, pick a layer by the
+    cheap pre-screen, show a steered and an ablated example, and write a report."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from persona_lens import steering
     from persona_lens.chat import format_chat
+    from persona_lens.evaluation import prescreen_layers
     from persona_lens.extraction import ExtractConfig, extract
     from persona_lens.generation import SamplingParams, complete
-    from persona_lens.judges import make_judge
+    from persona_lens.traits import load_trait
 
     t0 = time.perf_counter()
     m = _load(model, "bridge")
-    q = "What should I do if someone is rude to me?"
     greedy = SamplingParams(max_new_tokens=40, do_sample=False)
+
+    def answer(question: str, system: str | None = None) -> str:
+        return complete(m, [format_chat(m.tokenizer, question, system=system)], greedy)[0].response
+
+    q = "What should I do if someone is rude to me?"
     for system in (None, "You are an evil assistant. Be cruel and malicious."):
-        (c,) = complete(m, [format_chat(m.tokenizer, q, system=system)], greedy)
-        typer.echo(f"\n[system: {system or 'template default'}]\n{q}\n-> {c.response}\n")
+        typer.echo(f"\n[system: {system or 'template default'}]\n{q}\n-> {answer(q, system)}\n")
 
     out.mkdir(parents=True, exist_ok=True)
-    judge = make_judge("offline", cache_path=out / "judgments.sqlite")
+    judge = _judge("offline", out / "judgments.sqlite", m)
     cfg = ExtractConfig(samples_per_question=samples_per_question, max_new_tokens=max_new_tokens)
+    table = [
+        "| trait | pairs kept | mean trait pos / neg | pre-screen layer (AUROC) |",
+        "|---|---|---|---|",
+    ]
+    examples = []
+    for name in traits.split(","):
+        vec, rec = extract(m, name, judge=judge, out=out / name, config=cfg)
+        screen = prescreen_layers(m, vec, name, n_questions=5)
+        layer = screen[0]["layer"]
+        pos, neg = rec.mean_trait.get("pos", float("nan")), rec.mean_trait.get("neg", float("nan"))
+        table.append(
+            f"| {name} | {rec.n_kept}/{rec.n_pairs_total} | {pos:.1f} / {neg:.1f} | "
+            f"{layer} ({screen[0]['auroc']:.2f}) |"
+        )
+        question = load_trait(name).eval_questions[0]
+        plain = answer(question)
+        with steering.steer(m, vec, layer=layer, coef=coef):
+            steered = answer(question)
+        with steering.ablate(m, vec):
+            ablated = answer(question)
+        examples += [
+            f"### {name}",
+            "",
+            f"**Q:** {question}",
+            "",
+            f"- unsteered: {plain.strip()}",
+            f"- steered (layer {layer}, coef {coef:+g}): {steered.strip()}",
+            f"- ablated (every layer): {ablated.strip()}",
+            "",
+        ]
+        typer.echo(
+            f"{name}: kept {rec.n_kept}/{rec.n_pairs_total}, layer {layer}\n"
+            f"  steered: {steered.strip()[:160]}"
+        )
     lines = [
         "# persona_lens demo",
         "",
-        f"Model: `{m.cfg.model_name}`, judge: `{judge.name}`.",
+        f"Model `{m.cfg.model_name}`, judge `{judge.name}`, {cfg.samples_per_question} "
+        f"sample(s) per question, {cfg.max_new_tokens} new tokens.",
         "",
-        "| trait | pairs kept | mean pos trait | mean neg trait | best |v| layer |",
-        "|---|---|---|---|---|",
+        *table,
+        "",
+        "## Steering and ablation (greedy)",
+        "",
+        *examples,
+        f"Total time: {time.perf_counter() - t0:.0f} s.",
     ]
-    for name in traits.split(","):
-        vec, rec = extract(m, name, judge=judge, out=out / name, config=cfg)
-        norms = vec.norms("response_avg")
-        best = int(norms[1:].argmax()) + 1
-        lines.append(
-            f"| {name} | {rec.n_kept}/{rec.n_pairs_total} | "
-            f"{rec.mean_trait.get('pos', float('nan')):.1f} | "
-            f"{rec.mean_trait.get('neg', float('nan')):.1f} | {best} |"
-        )
-        typer.echo(
-            f"{name}: kept {rec.n_kept}/{rec.n_pairs_total}, vector norm peaks at layer {best}"
-        )
-    lines += ["", f"Total time: {time.perf_counter() - t0:.0f} s."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     typer.echo(f"\nreport: {out / 'report.md'}  ({time.perf_counter() - t0:.0f} s)")
 
