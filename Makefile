@@ -2,6 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
+SRC := persona_lens tests benchmarks
 
 .PHONY: install demo test lint bench clean
 
@@ -23,8 +24,8 @@ demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/persona-lens demo --out runs/demo
 
 lint: install
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check $(SRC)
+	$(VENV)/bin/ruff format --check $(SRC)
 
 test: lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

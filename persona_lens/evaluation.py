@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -45,6 +46,7 @@ from persona_lens.steering import (
     vectors_at,
 )
 from persona_lens.traits import Trait, load_trait
+from persona_lens.vectors import PersonaVector
 
 DATA_DIR = Path(__file__).parent / "data"
 MIN_COHERENCE = 80.0
@@ -116,6 +118,20 @@ def item_key(setting: str, question: str, seed: int) -> str:
     return f"{setting}||seed={seed}||{question}"
 
 
+def vector_fingerprint(vector: VectorLike, pooling: str = "response_avg") -> str:
+    """12 hex digits of sha256 over the float32 bytes the intervention would use."""
+    t = vector.get(pooling) if isinstance(vector, PersonaVector) else vector
+    data = t.detach().float().cpu().contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:12]
+
+
+def setting_key(vector: VectorLike | None, intervention: Intervention | None) -> str:
+    """Names a generation setting: the intervention and the exact vector (none: unsteered)."""
+    if intervention is None:
+        return BASELINE_KEY
+    return f"{intervention.key}|v={vector_fingerprint(vector, intervention.pooling)}"
+
+
 # --------------------------------------------------------------------------------------
 # Steered evaluation.
 
@@ -183,7 +199,7 @@ def generate_answers(
     if intervention is not None and vector is None:
         raise SteeringError("an intervention needs a vector. Fix: pass vector=...")
     store = store if store is not None else GenerationStore(None)
-    setting = intervention.key if intervention is not None else BASELINE_KEY
+    setting = setting_key(vector, intervention)
     tok = model.tokenizer
     wanted = [
         (item_key(setting, q, params.seed + s), q, params.seed + s)
@@ -234,7 +250,7 @@ def side_by_side(
     for iv in (None, *interventions):
         rows = generate_answers(model, vector, prompts, iv, params=params, system=system)
         for o, r in zip(out, rows, strict=True):
-            o[r["setting"]] = r["response"]
+            o[iv.key if iv is not None else BASELINE_KEY] = r["response"]
     return out
 
 
@@ -271,7 +287,7 @@ def evaluate(
         for r, ts, cs in zip(rows, trait_scores, coh_scores, strict=True)
     ]
     return EvalResult(
-        setting=intervention.key if intervention is not None else BASELINE_KEY,
+        setting=setting_key(vector, intervention),
         n=len(rows),
         trait=t,
         trait_ci=t_ci,

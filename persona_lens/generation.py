@@ -146,3 +146,20 @@ def complete(
         Completion(p, tok.decode(ids, skip_special_tokens=True), ids)
         for p, ids in zip(prompts, new, strict=True)
     ]
+
+
+def chat(
+    model,
+    question: str,
+    system: str | None = None,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    seed: int = 0,
+) -> str:
+    """One answer to one question (greedy by default): the quickest look at a model's voice,
+    with any steering context around it in force."""
+    from persona_lens.chat import format_chat
+
+    prompt = format_chat(model.tokenizer, question, system=system)
+    params = SamplingParams(max_new_tokens=max_new_tokens, do_sample=do_sample, seed=seed)
+    return complete(model, [prompt], params)[0].response

@@ -181,6 +181,19 @@ def project(
     return Projections(layer, out, [c.n_prompt for c in convs])
 
 
+def project_last_token(
+    model,
+    question: str,
+    vector: PersonaVector | Tensor,
+    layer: int,
+    system: str | None = None,
+    pooling: str = "response_avg",
+) -> float:
+    """The paper's monitor for one prompt: the last prompt token's projection on v_hat."""
+    conv = format_chat(model.tokenizer, question, system=system)
+    return float(project(model, [conv], vector, layer, pooling).prompt_last[0])
+
+
 # --------------------------------------------------------------------------------------
 # Monitoring during generation: the same forward passes that generate the text.
 

@@ -84,7 +84,10 @@ def test_evaluate_means_cis_and_reuse(tiny):
 
 def test_side_by_side(tiny):
     model, vec = tiny
-    steer_iv, ablate_iv = Intervention("add", 2, 1.0), Intervention("ablate", "all", positions="all")
+    steer_iv, ablate_iv = (
+        Intervention("add", 2, 1.0),
+        Intervention("ablate", "all", positions="all"),
+    )
     out = ev.side_by_side(model, vec, ["Hi!", "Name a fruit."], steer_iv, ablate_iv,
                           params=SamplingParams(max_new_tokens=5, do_sample=False))  # fmt: skip
     assert [set(o) for o in out] == [{"prompt", "none", steer_iv.key, ablate_iv.key}] * 2
