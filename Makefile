@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 SRC := persona_lens tests benchmarks
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint numbers bench clean
 
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ lint: install
 
 test: lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+numbers: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -s -m numbers
 
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/run_all.py

@@ -200,6 +200,8 @@ def generate_answers(
         raise SteeringError("an intervention needs a vector. Fix: pass vector=...")
     store = store if store is not None else GenerationStore(None)
     setting = setting_key(vector, intervention)
+    if system is not None:  # another prompt is another setting
+        setting += f"|system={hashlib.sha256(system.encode()).hexdigest()[:12]}"
     tok = model.tokenizer
     wanted = [
         (item_key(setting, q, params.seed + s), q, params.seed + s)
@@ -266,15 +268,18 @@ def evaluate(
     params: SamplingParams | None = None,
     batch_size: int = 16,
     store: GenerationStore | None = None,
+    system: str | None = None,
     progress: bool = False,
 ) -> EvalResult:
     """Judge answers to the trait's evaluation questions under ``intervention`` (None: the
-    unsteered model). Returns mean trait and coherence (0-100) with 95% CIs."""
+    unsteered model). Returns mean trait and coherence (0-100) with 95% CIs. ``system``: a
+    system prompt for every question (None: the chat template's default), e.g. a trait-
+    eliciting one to see whether ablation removes the trait it brings out."""
     trait = load_trait(trait) if isinstance(trait, str) else trait
     questions = trait.eval_questions[:n_questions] if n_questions else trait.eval_questions
     rows = generate_answers(
         model, vector, questions, intervention, params=params, samples=samples,
-        batch_size=batch_size, store=store, progress=progress,
+        batch_size=batch_size, store=store, system=system, progress=progress,
     )  # fmt: skip
     scores = judge.score(trait, [r["question"] for r in rows], [r["response"] for r in rows],
                          progress=progress)  # fmt: skip
@@ -287,7 +292,7 @@ def evaluate(
         for r, ts, cs in zip(rows, trait_scores, coh_scores, strict=True)
     ]
     return EvalResult(
-        setting=setting_key(vector, intervention),
+        setting=rows[0]["setting"] if rows else setting_key(vector, intervention),
         n=len(rows),
         trait=t,
         trait_ci=t_ci,
@@ -470,10 +475,9 @@ def prescreen_layers(
     for layer, v in rows.items():
         proj = ops.projection(acts[:, layer], v).numpy()
         pos, neg = proj[np.array(labels)], proj[~np.array(labels)]
-        out.append(dict(layer=layer, auroc=ops.auroc(proj, labels),
-                        gap=float(pos.mean() - neg.mean()),
-                        d_prime=float((pos.mean() - neg.mean())
-                                      / math.sqrt(0.5 * (pos.var() + neg.var()) + 1e-12))))  # fmt: skip
+        gap = float(pos.mean() - neg.mean())
+        d_prime = gap / math.sqrt(0.5 * (pos.var() + neg.var()) + 1e-12)
+        out.append(dict(layer=layer, auroc=ops.auroc(proj, labels), gap=gap, d_prime=d_prime))
     return sorted(out, key=lambda r: (-r["auroc"], -r["d_prime"]))
 
 
@@ -553,8 +557,8 @@ def load_mcq(path: str | Path) -> list[MCQ]:
                 if len(row) < 4:
                     raise ValueError(f"{path}:{i + 1}: expected question,A,B,C,D,answer.")
                 choices = tuple(row[1:-1])
-                out.append(MCQ(row[0], choices, _answer_index(row[-1], len(choices),
-                                                             f"{path}:{i + 1}"), subject))  # fmt: skip
+                answer = _answer_index(row[-1], len(choices), f"{path}:{i + 1}")
+                out.append(MCQ(row[0], choices, answer, subject))
         return out
     if path.suffix == ".jsonl":
         lines = [ln for ln in path.read_text().splitlines() if ln.strip()]

@@ -10,9 +10,10 @@ and one disk cache (``JudgeCache``):
 - ``OfflineJudge`` (the default): no network, no key. The small chat model cannot judge (its
   0-100 answers are noise), so it is built from two real models shipped in PyPI wheels:
   all-MiniLM-L6-v2 embeddings compare each answer sentence with the trait's own pos/neg
-  instructions (trait score), and SmolLM2's per-token log-likelihood of the answer measures
-  fluency (coherence). It works for any trait, including ones it has never seen: its constants
-  are global, never fitted per trait. Measured accuracy: ``benchmarks/judge_eval.py``.
+  instructions (trait score), and SmolLM2's log-likelihood of the answer against that of its
+  shuffled words measures fluency (coherence). It works for any trait, including ones it has
+  never seen: its constants are global, never fitted per trait. It is a rough stand-in for an
+  LLM judge (single answers can be misjudged); measured accuracy: ``benchmarks/judge_eval.py``.
 
 A missing score is ``None``, never 0: a failed call must not look like "no trait".
 """
@@ -471,18 +472,26 @@ class OfflineJudge(Judge):
     with their behaviour clauses (negations flipped, top-3 similarity). The mean over sentences
     goes through a global logistic. Nothing is fitted per trait, so any trait works.
 
-    Coherence: SmolLM2's mean per-token log-probability of the answer (chat-formatted, after
-    the question), minus a penalty for looping n-grams, through a global logistic.
+    Coherence: how much SmolLM2's log-likelihood of the answer (chat-formatted, after the
+    question) drops when its words are shuffled. Fluent text loses a lot (~2.5-5 nats per
+    token); word salad, random characters and loops lose little. Unlike the raw likelihood this
+    does not punish surprising content: a coherent evil answer is as unlikely under a helpful
+    assistant as gibberish, but only the gibberish does not care about word order. Penalties
+    for looping n-grams and for text that is mostly not letters; answers under 3 words (no
+    order to test) fall back on the raw likelihood. Global logistic.
     """
 
     # Global calibration: set once on the shipped traits' labelled set (benchmarks/judge_eval.py)
-    # and shared by every trait. Changing them changes `name`, so cached scores are not reused.
+    # and shared by every trait. Bump VERSION when changing any of them: it is part of `name`,
+    # so scores cached by an older judge are not reused.
     TRAIT_CENTER, TRAIT_SCALE = -0.008, 0.02  # raw similarity gap at score 50; width
     WHOLE_WEIGHT = 2.0  # whole instructions are the surer signal; clauses catch negations
-    COH_CENTER, COH_SCALE = -4.7, 0.5  # mean log-prob per token (nats) at score 50; width
+    COH_GAIN_CENTER, COH_GAIN_SCALE = 2.1, 0.25  # order gain (nats/token) at score 50; width
+    COH_LP_CENTER, COH_LP_SCALE = -4.7, 0.5  # mean log-prob for answers under 3 words
     COH_REP_FREE, COH_REP_WEIGHT = 0.15, 12.0  # repeated-trigram fraction tolerated; penalty
-    COH_LETTERS_MIN, COH_LETTERS_WEIGHT = 0.5, 10.0  # share of letters below which text is
-    # not language ("!!!! ????", ":) :)"): likely enough under the LM, so penalised apart
+    COH_LETTERS_MIN, COH_LETTERS_WEIGHT = 0.5, 10.0  # below this share of letters it is not
+    # language ("!!!! ????", ":) :)")
+    N_SHUFFLES = 2
     VERSION = "1"
 
     def __init__(
@@ -507,7 +516,7 @@ class OfflineJudge(Judge):
     # trait is judged again.
     def _prompt(self, item: JudgeItem, kind: Kind) -> str:
         if kind == "coherence":
-            return "smollm2-loglik"
+            return "smollm2-word-order"
         t = item.trait
         return json.dumps([[p.pos, p.neg] for p in t.pairs] + [t.eval_prompt], ensure_ascii=False)
 
@@ -585,27 +594,21 @@ class OfflineJudge(Judge):
             self._lm = _default_lm(self.device)
         return self._lm
 
-    def loglik_features(
-        self, items: Sequence[JudgeItem]
-    ) -> list[tuple[float, float, float] | None]:
-        """(mean log-prob per answer token, repeated-trigram fraction, share of letters) per
-        item; None for an empty answer."""
+    def _answer_logprobs(self, pairs: list[tuple[str, str]]) -> list[float]:
+        """Mean log-prob per token of each answer after its chat-formatted question, batched."""
         import torch
 
         model, tok = self.lm
-        seqs: list[tuple[list[int], list[int]] | None] = []
-        for it in items:
-            if not it.answer.strip():
-                seqs.append(None)
-                continue
-            prompt_ids, resp_ids = _chat_ids(tok, it.question, it.answer)
-            seqs.append((prompt_ids, resp_ids[: self.max_answer_tokens]))
-        out: list[tuple[float, float, float] | None] = [None] * len(items)
-        live = sorted((i for i, s in enumerate(seqs) if s), key=lambda i: sum(map(len, seqs[i])))
+        seqs = []
+        for q, a in pairs:
+            p_ids, a_ids = _chat_ids(tok, q, a)
+            seqs.append((p_ids, a_ids[: self.max_answer_tokens]))
+        out = [0.0] * len(seqs)
+        order = sorted(range(len(seqs)), key=lambda i: sum(map(len, seqs[i])))
         dev = next(model.parameters()).device
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        for start in range(0, len(live), self.batch_size):
-            idx = live[start : start + self.batch_size]
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
             width = max(len(seqs[i][0]) + len(seqs[i][1]) for i in idx)
             ids = torch.full((len(idx), width), pad, dtype=torch.long)
             att = torch.zeros_like(ids)
@@ -613,36 +616,70 @@ class OfflineJudge(Judge):
                 p, a = seqs[i]
                 ids[r, : len(p) + len(a)] = torch.tensor(p + a)
                 att[r, : len(p) + len(a)] = 1
+            spans = [(len(seqs[i][0]) - 1, len(seqs[i][0]) + len(seqs[i][1]) - 1) for i in idx]
             with torch.no_grad():
-                # The LM head only at answer positions: full-vocabulary logits for the whole
+                # The LM head only at answer positions: full-vocabulary logits over the whole
                 # prompt would cost more than the model itself.
                 h = model.base_model(input_ids=ids.to(dev), attention_mask=att.to(dev))[0]
-                spans = [(len(seqs[i][0]) - 1, len(seqs[i][0]) + len(seqs[i][1]) - 1) for i in idx]
                 rows = torch.cat([h[r, a:b] for r, (a, b) in enumerate(spans)])
                 targets = torch.cat([ids[r, a + 1 : b + 1] for r, (a, b) in enumerate(spans)])
                 logits = model.get_output_embeddings()(rows).float()
                 lp = logits.log_softmax(-1).gather(-1, targets[:, None].to(dev))[:, 0].cpu()
             chunks = lp.split([b - a for a, b in spans])
             for i, chunk in zip(idx, chunks, strict=True):
-                out[i] = (
-                    float(chunk.mean()),
-                    _repetition(seqs[i][1]),
-                    _letter_share(items[i].answer),
-                )
+                out[i] = float(chunk.mean())
+        return out
+
+    def coherence_features(self, items: Sequence[JudgeItem]) -> list[dict | None]:
+        """Per item: mean log-prob, order gain (log-prob minus that of the shuffled words),
+        repeated-trigram fraction, share of letters, word count; None for an empty answer."""
+        _, tok = self.lm
+        live = [i for i, it in enumerate(items) if it.answer.strip()]
+        pairs = []
+        for i in live:
+            q, a = items[i].question, items[i].answer
+            pairs += [(q, a)] + [(q, _shuffle_words(a, k)) for k in range(self.N_SHUFFLES)]
+        lps = self._answer_logprobs(pairs)
+        out: list[dict | None] = [None] * len(items)
+        step = 1 + self.N_SHUFFLES
+        for n, i in enumerate(live):
+            a = items[i].answer
+            orig, shuffled = lps[n * step], lps[n * step + 1 : (n + 1) * step]
+            out[i] = dict(
+                logprob=orig,
+                gain=orig - float(np.mean(shuffled)),
+                repetition=_repetition(tok(a, add_special_tokens=False)["input_ids"]),
+                letters=_letter_share(a),
+                words=len(a.split()),
+            )
         return out
 
     def coherence_scores(self, items: Sequence[JudgeItem]) -> list[float | None]:
         out: list[float | None] = []
-        for f in self.loglik_features(items):
+        for f in self.coherence_features(items):
             if f is None:
                 out.append(0.0)  # an empty answer is a real judgment: no content at all
                 continue
-            mean_lp, rep, letters = f
-            z = (mean_lp - self.COH_CENTER) / self.COH_SCALE
-            z -= self.COH_REP_WEIGHT * max(0.0, rep - self.COH_REP_FREE)
-            z -= self.COH_LETTERS_WEIGHT * max(0.0, self.COH_LETTERS_MIN - letters)
+            if f["words"] >= 3:
+                z = (f["gain"] - self.COH_GAIN_CENTER) / self.COH_GAIN_SCALE
+            else:
+                z = (f["logprob"] - self.COH_LP_CENTER) / self.COH_LP_SCALE
+            z -= self.COH_REP_WEIGHT * max(0.0, f["repetition"] - self.COH_REP_FREE)
+            z -= self.COH_LETTERS_WEIGHT * max(0.0, self.COH_LETTERS_MIN - f["letters"])
             out.append(_logistic(z))
         return out
+
+
+def _shuffle_words(text: str, seed: int) -> str:
+    """The same words in another (deterministic) order."""
+    words = text.split()
+    rng = random.Random(seed)
+    for _ in range(10):
+        shuffled = words[:]
+        rng.shuffle(shuffled)
+        if shuffled != words:
+            break
+    return " ".join(shuffled)
 
 
 def _chat_ids(tok, question: str, answer: str) -> tuple[list[int], list[int]]:

@@ -85,8 +85,11 @@ def plot_sweep(
                 ax.axhline(baseline[key], color="0.35", linestyle="--", linewidth=1,
                            label="unsteered")  # fmt: skip
             if key == "coherence" and min_coherence is not None:
-                ax.axhline(min_coherence, color="0.6", linestyle=":", linewidth=1,
-                           label=f"threshold {min_coherence:g}")  # fmt: skip
+                ax.axhline(min_coherence, color="0.6", linestyle=":", linewidth=1)
+                ax.annotate(f"min. coherence {min_coherence:g}", (1.0, min_coherence),
+                            xycoords=("axes fraction", "data"), xytext=(-2, 2),
+                            textcoords="offset points", ha="right", va="bottom",
+                            fontsize=7, color="0.4")  # fmt: skip
             if best and best.get("layer") is not None and best.get(key) is not None:
                 ax.plot([best["layer"]], [best[key]], marker="*", markersize=11, color="black",
                         linestyle="none", label="chosen")  # fmt: skip

@@ -8,6 +8,8 @@ Five-minute tour::
         ...
     with ablate(model, vector, layers="all"):                 # x <- x - (x . v_hat) v_hat
         ...
+    with ablate(model, vector, layers=12, mean=True):         # x . v_hat := its neutral mean
+        ...
     with clamp(model, vector, layer=20, value=0.0):           # x . v_hat := 0 at layer 20
         ...
     with intervene(model, vector, Intervention("add", 20, 1.5)):  # the same, as a value
@@ -56,7 +58,8 @@ from persona_lens.models import hf_model_of, hook_name, model_info
 from persona_lens.vectors import POOLINGS, PersonaVector, VectorMismatchError
 
 Positions = Literal["all", "prompt", "response"]
-Kind = Literal["add", "ablate", "clamp"]
+Kind = Literal["add", "ablate", "mean_ablate", "clamp"]
+KINDS = ("add", "ablate", "mean_ablate", "clamp")
 Scale = Literal["raw", "resid"]
 Layers = int | Sequence[int] | Literal["all"]
 VectorLike = PersonaVector | Float[Tensor, "layers d_model"] | Float[Tensor, " d_model"]
@@ -89,7 +92,7 @@ def _pass_from_mask(info: PassInfo, mask, n_new: int) -> None:
         info.n_pad, info.prefill = None, None
         return
     info.prefill = mask.shape[1] == n_new  # no cached positions before this pass
-    # Left pads are the leading zeros of each row; positions of the padded prompt only.
+    # Left pads are each row's leading zeros; they only exist in the prefill.
     n_pad = (mask.cumsum(1) == 0).sum(1)
     info.n_pad = n_pad if info.prefill and bool(n_pad.any()) else None
 
@@ -218,8 +221,8 @@ def clamp_hook(
     v_hat = _OnDevice(_unit(direction))
 
     def set_projection(h):
-        u = v_hat(h.float())
         hf = h.float()
+        u = v_hat(hf)
         return (hf + (value - hf @ u)[..., None] * u).to(h.dtype)
 
     def hook(x, hook=None):
@@ -331,8 +334,8 @@ def vectors_at(
     return {layer: _check_row(table[layer], layer, what) for layer in rows}
 
 
-# Median per-token residual norm per layer, measured once per model.
-_NORMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Residual statistics on a few neutral chat prompts, measured once per model.
+_STATS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 NORM_PROMPTS = (
     "What is your favourite season, and why?",
     "Explain how a bicycle works.",
@@ -342,26 +345,35 @@ NORM_PROMPTS = (
 
 
 @torch.no_grad()
-def resid_norms(model, prompts: Sequence[str] | None = None) -> Float[Tensor, " layers"]:
-    """Typical residual norm at each layer 0..n_layers: the median over the tokens of a few
-    chat prompts (the median ignores the huge-norm first token many models have)."""
-    if prompts is None and model in _NORMS:
-        return _NORMS[model]
+def resid_stats(
+    model, prompts: Sequence[str] | None = None
+) -> tuple[Float[Tensor, " layers"], Float[Tensor, "layers d_model"]]:
+    """(median per-token residual norm, mean residual) at each layer 0..n_layers over the
+    tokens of a few chat prompts. The first token is left out: many models give it a huge
+    norm (an attention sink) that says nothing about typical tokens."""
+    if prompts is None and model in _STATS:
+        return _STATS[model]
     from persona_lens.chat import format_chat
 
     n = _n_layers(model)
     names = [hook_name(layer, n) for layer in range(n + 1)]
     device = next(model.parameters()).device
-    per_layer: list[list[Tensor]] = [[] for _ in names]
+    acts: list[list[Tensor]] = [[] for _ in names]
     for q in prompts or NORM_PROMPTS:
         ids = torch.tensor([format_chat(model.tokenizer, q).prompt_ids], device=device)
         _, cache = model.run_with_cache(ids, names_filter=lambda h: h in names)
         for i, name in enumerate(names):
-            per_layer[i].append(cache[name][0].float().norm(dim=-1).cpu())
-    norms = torch.stack([torch.cat(x).median() for x in per_layer])
+            acts[i].append(cache[name][0, 1:].float().cpu())
+    x = [torch.cat(a) for a in acts]
+    stats = (torch.stack([a.norm(dim=-1).median() for a in x]), torch.stack([a.mean(0) for a in x]))
     if prompts is None:
-        _NORMS[model] = norms
-    return norms
+        _STATS[model] = stats
+    return stats
+
+
+def resid_norms(model, prompts: Sequence[str] | None = None) -> Float[Tensor, " layers"]:
+    """Typical residual norm at each layer 0..n_layers (see :func:`resid_stats`)."""
+    return resid_stats(model, prompts)[0]
 
 
 # --------------------------------------------------------------------------------------
@@ -373,7 +385,9 @@ class Intervention:
     """What to do to the residual stream. Hashable; ``key`` names it in sweep files.
 
     kind ``add``: h_L += coef * v_L (``layers="all"``: the incremental vectors at every
-    layer); ``ablate``: remove the v_L direction; ``clamp``: set the projection to ``value``.
+    layer); ``ablate``: remove the v_L direction, x <- x - (x . v_hat) v_hat; ``mean_ablate``:
+    set x . v_hat to its mean on neutral prompts (see :func:`ablate`); ``clamp``: set the
+    projection to ``value``.
     """
 
     kind: Kind
@@ -385,8 +399,8 @@ class Intervention:
     value: float = 0.0  # clamp only
 
     def __post_init__(self):
-        if self.kind not in ("add", "ablate", "clamp"):
-            raise SteeringError(f"kind must be add, ablate or clamp; got {self.kind!r}.")
+        if self.kind not in KINDS:
+            raise SteeringError(f"kind must be one of {', '.join(KINDS)}; got {self.kind!r}.")
         if isinstance(self.layers, list):
             object.__setattr__(self, "layers", tuple(self.layers))
         _check_positions(self.positions)
@@ -400,8 +414,9 @@ class Intervention:
         layers = (
             self.layers if isinstance(self.layers, (int, str)) else "-".join(map(str, self.layers))
         )
-        amount = {"add": f"coef={self.coef:g}", "ablate": "", "clamp": f"value={self.value:g}"}
-        parts = [self.kind, f"L={layers}", amount[self.kind], self.positions, self.pooling]
+        amount = f"coef={self.coef:g}" if self.kind == "add" else ""
+        amount = f"value={self.value:g}" if self.kind == "clamp" else amount
+        parts = [self.kind, f"L={layers}", amount, self.positions, self.pooling]
         if self.scale != "raw":
             parts.append(f"scale={self.scale}")
         return "|".join(p for p in parts if p)
@@ -433,6 +448,9 @@ def hooks_for(
             fn = add_hook(v, iv.coef, iv.positions, info)
         elif iv.kind == "ablate":
             fn = ablate_hook(v, iv.positions, info)
+        elif iv.kind == "mean_ablate":  # keep the neutral mean: the stream stays on-distribution
+            mean = float(resid_stats(model)[1][layer] @ _unit(v))
+            fn = clamp_hook(v, mean, iv.positions, info)
         else:
             fn = clamp_hook(v, iv.value, iv.positions, info)
         hooks.append((hook_name(layer, n), fn))
@@ -477,12 +495,18 @@ def ablate(
     *,
     positions: Positions = "all",
     pooling: str = "response_avg",
+    mean: bool = False,
 ):
     """``with ablate(model, vector): ...`` removes the direction at ``layers`` (default every
-    block output, each with its own v_L; pass a 1-D tensor for one direction everywhere)."""
-    return intervene(
-        model, vector, Intervention("ablate", _layers(layers), 0.0, positions, pooling)
-    )
+    block output, each with its own v_L; pass a 1-D tensor for one direction everywhere).
+
+    ``mean=True`` (mean ablation) sets x . v_hat to its mean over neutral prompts instead of
+    0. Use it when typical activations project far from 0 on the vector: then zeroing the
+    projection is itself a large push along v (e.g. SmolLM2's evil vector, whose neutral mean
+    projection is about -0.9 |v| at layer 12) and raises the trait instead of removing it.
+    """
+    kind = "mean_ablate" if mean else "ablate"
+    return intervene(model, vector, Intervention(kind, _layers(layers), 0.0, positions, pooling))
 
 
 def clamp(

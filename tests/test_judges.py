@@ -337,7 +337,7 @@ def test_offline_empty_answer(offline, evil):
 
 @pytest.mark.slow
 def test_offline_coherence_gibberish_vs_coherent(offline, evil):
-    gib, coh = rows("gibberish")[::2], rows("coherent")[:10]  # a subset keeps the test fast
+    gib, coh = rows("gibberish")[::3], rows("coherent")[::5]  # a subset keeps the test fast
     g = offline.coherence_scores([JudgeItem(r["question"], r["answer"], evil) for r in gib])
     c = offline.coherence_scores([JudgeItem(r["question"], r["answer"], evil) for r in coh])
     assert np.mean([x < 50 for x in g]) >= 0.9

@@ -17,6 +17,7 @@ from persona_lens.steering import (
     clamp,
     hooks_for,
     resid_norms,
+    resid_stats,
     steer,
     track_passes,
 )
@@ -190,6 +191,15 @@ def test_ablation_leaves_no_projection(backend, tiny_qwen_folder):
             model(ids, attention_mask=mask)
     torch.testing.assert_close(
         (got[0] @ vec.unit(LAYER))[~pad], torch.full((int((~pad).sum()),), 3.0)
+    )
+    # Mean ablation: the projection becomes its mean over neutral prompts
+    mean = float(resid_stats(model)[1][LAYER] @ vec.unit(LAYER))
+    with torch.no_grad(), ablate(model, vec, LAYER, mean=True):
+        got = []
+        with model.hooks(fwd_hooks=[_probe(model, LAYER, got)]):
+            model(ids, attention_mask=mask)
+    torch.testing.assert_close(
+        (got[0] @ vec.unit(LAYER))[~pad], torch.full((int((~pad).sum()),), mean)
     )
 
 
