@@ -37,6 +37,7 @@ from persona_lens import ops
 from persona_lens.chat import format_chat
 from persona_lens.generation import SamplingParams, generate_ids, left_pad
 from persona_lens.models import model_info
+from persona_lens.runio import read_jsonl, write_atomic
 from persona_lens.steering import (
     Intervention,
     SteeringError,
@@ -63,24 +64,6 @@ def default_params() -> SamplingParams:
 # The generation store: one jsonl row per finished (setting, question, seed).
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a kill: that item is redone
-            continue
-    return rows
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 class GenerationStore:
     """Append-only ``generations.jsonl``: a row is written as soon as it is generated."""
 
@@ -89,12 +72,12 @@ class GenerationStore:
         self.rows: dict[str, dict] = {}
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            rows = [r for r in _read_jsonl(self.path) if "key" in r]
+            rows = [r for r in read_jsonl(self.path) if "key" in r]
             self.rows = {r["key"]: r for r in rows}
             text = self.path.read_text() if self.path.exists() else ""
             if text and (not text.endswith("\n") or len(rows) != text.count("\n")):
                 # A line torn by a kill: drop it, or the next append would glue onto it.
-                _write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+                write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in rows))
         self.n_generated = 0  # in this process: a resumed sweep shows 0 for finished cells
 
     def __contains__(self, key: str) -> bool:
@@ -359,7 +342,7 @@ def sweep(
         iv = Intervention("add", layer, c, positions, pooling, scale)
         rows.append(evaluate(model, vector, trait, judge, iv, **kw).row())
         if out is not None:  # rewritten after every cell: a killed sweep keeps finished rows
-            _write_atomic(out / "sweep.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+            write_atomic(out / "sweep.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     return rows, baseline
 
 

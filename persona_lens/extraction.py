@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from persona_lens.activations import mean_activations
 from persona_lens.chat import ChatPrompt, format_chat
 from persona_lens.generation import SamplingParams, generate_ids
 from persona_lens.models import hf_model_of, model_info
+from persona_lens.runio import append_jsonl, read_jsonl, write_jsonl_atomic
 from persona_lens.traits import Trait, load_trait
 from persona_lens.vectors import POOLINGS, PersonaVector
 
@@ -85,24 +85,6 @@ def plan(trait: Trait, cfg: ExtractConfig) -> Iterator[dict]:
                     )
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a kill: it will be regenerated
-            continue
-    return rows
-
-
-def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
-
-
 GENERATION_FIELDS = (
     "samples_per_question",
     "max_new_tokens",
@@ -144,7 +126,7 @@ def _check_run_folder(out: Path, settings: dict, force: bool) -> None:
 def elicit(model, trait: Trait, cfg: ExtractConfig, out: Path, progress: bool = True) -> list[dict]:
     """Generate every planned response not already in ``out/responses.jsonl``."""
     path = out / "responses.jsonl"
-    done = {r["key"]: r for r in _read_jsonl(path)}
+    done = {r["key"]: r for r in read_jsonl(path)}
     todo = [r for r in plan(trait, cfg) if r["key"] not in done]
     tok = model.tokenizer
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, True, cfg.seed)
@@ -156,19 +138,18 @@ def elicit(model, trait: Trait, cfg: ExtractConfig, out: Path, progress: bool = 
         # Seed each chunk by its position in the plan, so a resumed run samples the same way.
         chunk_params = dataclasses.replace(params, seed=cfg.seed * 100_003 + start)
         new = generate_ids(model, [p.ids for p in prompts], chunk_params, cfg.batch_size)
-        with path.open("a") as f:
-            for r, p, ids in zip(rows, prompts, new, strict=True):
-                r.update(
-                    prompt=p.text,
-                    prompt_ids=p.ids,
-                    response_ids=ids,
-                    response=tok.decode(ids, skip_special_tokens=True),
-                    trait_score=None,
-                    coherence_score=None,
-                    kept=None,
-                )
-                f.write(json.dumps(r) + "\n")
-                done[r["key"]] = r
+        for r, p, ids in zip(rows, prompts, new, strict=True):
+            r.update(
+                prompt=p.text,
+                prompt_ids=p.ids,
+                response_ids=ids,
+                response=tok.decode(ids, skip_special_tokens=True),
+                trait_score=None,
+                coherence_score=None,
+                kept=None,
+            )
+            done[r["key"]] = r
+        append_jsonl(path, rows)
         bar.update(len(rows))
     bar.close()
     return [done[r["key"]] for r in plan(trait, cfg)]
@@ -183,7 +164,7 @@ def judge_rows(rows: list[dict], trait: Trait, judge, out: Path, progress: bool 
     )
     for r, s in zip(rows, scores, strict=True):
         r["trait_score"], r["coherence_score"] = s.trait, s.coherence
-    _write_jsonl_atomic(out / "responses.jsonl", rows)
+    write_jsonl_atomic(out / "responses.jsonl", rows)
 
 
 def filter_pairs(rows: list[dict], cfg: ExtractConfig) -> ExtractionRecord:
@@ -271,7 +252,7 @@ def extract(
     judge_rows(rows, trait, judge, out, progress)
     record = filter_pairs(rows, cfg)
     record.out = str(out)
-    _write_jsonl_atomic(out / "responses.jsonl", rows)
+    write_jsonl_atomic(out / "responses.jsonl", rows)
     if record.n_kept < cfg.min_kept:
         raise ExtractionError(
             f"only {record.n_kept} of {record.n_pairs_total} response pairs passed the filter "

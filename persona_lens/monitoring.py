@@ -38,7 +38,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import warnings
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -56,6 +55,7 @@ from persona_lens import ops
 from persona_lens.chat import ChatPrompt, format_chat
 from persona_lens.generation import SamplingParams, generate_ids
 from persona_lens.models import hook_name, model_info
+from persona_lens.runio import append_jsonl, read_jsonl, write_atomic
 from persona_lens.steering import PassInfo, track_passes
 from persona_lens.traits import Trait, load_spectrum, load_trait
 from persona_lens.vectors import PersonaVector, VectorMismatchError, load_vector
@@ -690,7 +690,7 @@ def manyshot_examples(
         path = Path(source)
         path = path / "responses.jsonl" if path.is_dir() else path
         if path.exists():
-            rows = [r for r in _read_jsonl(path) if r.get("side") == "pos" and r.get("response")]
+            rows = [r for r in read_jsonl(path) if r.get("side") == "pos" and r.get("response")]
             rows.sort(key=lambda r: (not r.get("kept"), -(r.get("trait_score") or 0.0)))
             out = [(r["question"], r["response"].strip()) for r in rows][:n]
     if len(out) < n and model is not None:
@@ -721,40 +721,18 @@ def manyshot_examples(
 # The experiment runner: generate (monitored), judge, summarize, draw; resumable.
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a kill: that row is redone
-            continue
-    return rows
-
-
 def read_rows(path: str | Path) -> dict[str, dict]:
     """Rows of a ``projections.jsonl`` by key; a later line for a key updates the earlier one
     (score lines are appended after generation lines while a run is in progress)."""
     rows: dict[str, dict] = {}
-    for r in _read_jsonl(Path(path)):
+    for r in read_jsonl(Path(path)):
         if "key" in r:
             rows.setdefault(r["key"], {}).update(r)
     return rows
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _append(path: Path, rows: Sequence[dict]) -> None:
-    with path.open("a") as f:
-        for r in rows:
-            f.write(json.dumps(_clean(r)) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    append_jsonl(path, (_clean(r) for r in rows))
 
 
 def plan(conditions: Sequence[Condition], questions: Sequence[str], n_samples: int) -> list[dict]:
@@ -967,14 +945,14 @@ def run_monitor(
             )
         _append(path, updates)
     # One row per response from now on.
-    _write_atomic(path, "".join(json.dumps(_clean(r)) + "\n" for r in rows))
+    write_atomic(path, "".join(json.dumps(_clean(r)) + "\n" for r in rows))
 
     # 3. Statistics and figures.
     meta = dict(settings, judge=judge_name, n_questions=len(questions), layer_convention=(
         "layer L = HF hidden_states[L]; projection = last prompt token . unit vector"))  # fmt: skip
     summary = summarize(rows, [c.label for c in conditions], n_boot=n_boot, seed=seed, meta=meta)
     files = {"projections": path, "summary": out / "summary.json"}
-    _write_atomic(files["summary"], json.dumps(summary.to_json(), indent=2) + "\n")
+    write_atomic(files["summary"], json.dumps(summary.to_json(), indent=2) + "\n")
     title = f"{trait.name}, {experiment}, layer {layer}"
     png, pdf = pm.plot_monitor(rows, summary, out / "monitor", title=title)
     files.update(monitor_png=png, monitor_pdf=pdf)
