@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
-SRC := persona_lens tests benchmarks
+SRC := persona_lens tests benchmarks experiments
 
 .PHONY: install demo test lint numbers bench clean
 
