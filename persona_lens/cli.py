@@ -190,7 +190,9 @@ def monitor(
         m, vector, trait, layer, experiment, out, _judge(judge, out / "judgments.sqlite", m),
         n_samples=samples, n_questions=n_questions, max_new_tokens=max_new_tokens, force=force,
     )  # fmt: skip
-    typer.echo(str(run.summary.overall))
+    typer.echo(f"per answer: {run.summary.overall}")
+    if run.summary.prompt_means is not None:
+        typer.echo(f"per prompt (mean over samples): {run.summary.prompt_means}")
     typer.echo(f"wrote {', '.join(str(p) for p in run.files.values())}")
 
 

@@ -517,6 +517,9 @@ class MonitorSummary:
     conditions: list[ConditionSummary]
     within_pooled: Correlation | None  # r after subtracting each condition's means
     between_means: Correlation | None  # r over the condition means
+    # r over prompts (condition x question) with several samples: the projection is one number
+    # per prompt, so this compares it with the prompt's expected score. None with one sample.
+    prompt_means: Correlation | None
     classifier: ClassifierResult | None
     notes: list[str] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
@@ -624,6 +627,16 @@ def summarize(
         lambda: correlation(*zip(*means, strict=True), "between condition means", n_boot, seed),
         "r between condition means",
     )
+    prompts: dict[tuple, list[dict]] = {}
+    for r in scored:
+        prompts.setdefault((r["condition"], r.get("question")), []).append(r)
+    per_prompt = None
+    if any(len(v) > 1 for v in prompts.values()):
+        px = [float(np.mean([r["projection"] for r in v])) for v in prompts.values()]
+        py = [float(np.mean([r["trait_score"] for r in v])) for v in prompts.values()]
+        per_prompt = optional(
+            lambda: correlation(px, py, "prompt means", n_boot, seed), "r over prompt means"
+        )
     clf = optional(lambda: classify(x, y, cutoff, MAX_FPR, seed, n_boot), "classifier view")
     return MonitorSummary(
         n_rows=len(rows),
@@ -633,6 +646,7 @@ def summarize(
         conditions=cond_out,
         within_pooled=within,
         between_means=between,
+        prompt_means=per_prompt,
         classifier=clf,
         notes=notes,
         meta=dict(meta or {}),

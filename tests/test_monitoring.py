@@ -256,6 +256,29 @@ def test_summary_within_and_between_conditions():
     assert "NaN" not in text and "Infinity" not in text
 
 
+def test_summary_prompt_means_average_samples_of_one_prompt():
+    """The projection is one number per prompt; with several samples, r over prompts compares
+    it with each prompt's mean score (scipy on the means), and it is absent with one sample."""
+    from scipy.stats import pearsonr
+
+    rng = np.random.default_rng(3)
+    rows, prompt_x, prompt_y = [], [], []
+    for c in ("a", "b", "c"):
+        for q in range(6):
+            p = rng.normal()
+            ys = [float(50 + 10 * p + rng.normal(scale=30)) for _ in range(4)]
+            rows += [dict(condition=c, question=f"q{q}", projection=p, trait_score=y,
+                          response="x") for y in ys]  # fmt: skip
+            prompt_x.append(p)
+            prompt_y.append(np.mean(ys))
+    s = summarize(rows, n_boot=200)
+    assert s.prompt_means.n == 18
+    assert s.prompt_means.r == pytest.approx(pearsonr(prompt_x, prompt_y)[0], abs=1e-9)
+    assert s.prompt_means.r > s.overall.r  # averaging samples removes their noise
+    one = summarize([r for i, r in enumerate(rows) if i % 4 == 0], n_boot=200)
+    assert one.prompt_means is None
+
+
 # --------------------------------------------------------------------------------------
 # Token views
 
