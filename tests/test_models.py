@@ -79,6 +79,25 @@ def test_greedy_cached_generation_matches_hf(name, backend, model_folders, hf_mo
         assert got == want[: len(got)] and (len(got) == 12 or want[len(got)] in stop_ids(tok))
 
 
+@pytest.mark.parametrize("name", ["qwen2", "llama31"])
+def test_hooked_weights_need_no_copy_per_forward(name, model_folders):
+    """HookedTransformer calls .contiguous() on rearranged weights at every forward; the
+    loader stores them so that those calls return the weights themselves (no copy)."""
+    model = load_cached(model_folders[name], "hooked")
+    attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
+    k = attn._parameters.get("_W_K", attn._parameters.get("W_K"))
+    used = {
+        "W_Q": attn.W_Q.transpose(1, 2),
+        "W_K": k.transpose(1, 2),
+        "W_O": attn.W_O.permute(2, 0, 1),
+        "W_in": mlp.W_in.T,
+        "W_out": mlp.W_out.T,
+        "W_U": model.unembed.W_U.T,
+    }
+    for what, w in used.items():
+        assert w.contiguous().data_ptr() == w.data_ptr(), what
+
+
 def test_model_info_and_name(smol_bridge):
     info = model_info(smol_bridge)
     assert info.model_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
