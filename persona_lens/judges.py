@@ -41,6 +41,7 @@ import httpx
 import numpy as np
 
 from persona_lens import ops
+from persona_lens.chat import format_chat
 
 if TYPE_CHECKING:
     from persona_lens.traits import Trait
@@ -685,19 +686,13 @@ def _shuffle_words(text: str, seed: int) -> str:
 def _chat_ids(tok, question: str, answer: str) -> tuple[list[int], list[int]]:
     """Token ids of the chat-formatted question (with the assistant header) and of the answer
     plus the template's end-of-turn marker, so an answer that stops mid-thought costs too."""
-    user = [{"role": "user", "content": question}]
-    prompt = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    prompt = format_chat(tok, question)
     full = tok.apply_chat_template(
-        user + [{"role": "assistant", "content": answer}], tokenize=False
+        prompt.messages + [{"role": "assistant", "content": answer}], tokenize=False
     )
-    if full.startswith(prompt):
-        resp = full[len(prompt) :].rstrip("\n")
-    else:  # a template that rewrites past turns: fall back to the bare answer
-        resp = answer
-    return (
-        tok(prompt, add_special_tokens=False)["input_ids"],
-        tok(resp, add_special_tokens=False)["input_ids"],
-    )
+    # A template that rewrites past turns: fall back to the bare answer.
+    resp = full[len(prompt.text) :].rstrip("\n") if full.startswith(prompt.text) else answer
+    return prompt.prompt_ids, tok(resp, add_special_tokens=False)["input_ids"]
 
 
 def _logistic(z: float) -> float:
