@@ -129,3 +129,35 @@ def load_cached(folder, backend):
 @pytest.fixture(scope="session")
 def smol_bridge(smol_folder):
     return load_cached(smol_folder, "bridge")
+
+
+@pytest.fixture
+def judge(tmp_path, smol_bridge):
+    """The shipped offline judge (MiniLM trait score, SmolLM2 coherence), cached per test."""
+    from persona_lens.judges import make_judge
+
+    return make_judge("offline", cache_path=tmp_path / "judgments.sqlite",
+                      model=(smol_bridge.original_model, smol_bridge.tokenizer))  # fmt: skip
+
+
+class Calls:
+    """A real judge with its calls counted. ``kill_after=n``: the call after the n-th raises
+    KeyboardInterrupt, as when a run is killed half way."""
+
+    def __init__(self, judge, kill_after: int | None = None):
+        self.judge, self.kill_after, self.calls = judge, kill_after, 0
+        self.name = judge.name
+
+    def score(self, *args, **kwargs):
+        self.calls += 1
+        if self.kill_after is not None and self.calls > self.kill_after:
+            raise KeyboardInterrupt
+        return self.judge.score(*args, **kwargs)
+
+
+def unreachable_judge():
+    """A real API judge with nothing listening at its address: every score comes back missing."""
+    from persona_lens.judges import OpenAIJudge
+
+    return OpenAIJudge(base_url="http://127.0.0.1:9/v1", api_key="k", max_retries=1,
+                       backoff=0.01, timeout=1.0)  # fmt: skip

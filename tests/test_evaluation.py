@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import load_cached
+from conftest import Calls, load_cached
 
 import persona_lens.evaluation as ev
 from persona_lens import format_chat
@@ -31,27 +30,6 @@ from persona_lens.vectors import PersonaVector
 SHORT = SamplingParams(max_new_tokens=6, temperature=1.0, seed=0)
 
 
-@dataclass
-class FakeJudgment:
-    trait: float | None
-    coherence: float | None
-
-
-class FakeJudge:
-    """Deterministic stand-in for the judges module: trait from the answer's length."""
-
-    name = "fake"
-
-    def __init__(self, fail_after: int | None = None):
-        self.calls, self.fail_after = 0, fail_after
-
-    def score(self, trait, questions, answers, progress=False):
-        self.calls += 1
-        if self.fail_after is not None and self.calls > self.fail_after:
-            raise KeyboardInterrupt  # a sweep killed half way
-        return [FakeJudgment(float(min(100, 4 * len(a))), 85.0) for a in answers]
-
-
 def _random_vector(model, seed=0, scale=4.0):
     g = torch.Generator().manual_seed(seed)
     n, d = model.cfg.n_layers, model.cfg.d_model
@@ -66,18 +44,18 @@ def tiny(tiny_qwen_folder):
     return model, _random_vector(model)
 
 
-def test_evaluate_means_cis_and_reuse(tiny):
+def test_evaluate_means_cis_and_reuse(tiny, judge):
     model, vec = tiny
     store = ev.GenerationStore(None)
     iv = Intervention("add", 2, 1.0)
-    res = evaluate(model, vec, "evil", FakeJudge(), iv, n_questions=3, samples=2, params=SHORT,
+    res = evaluate(model, vec, "evil", judge, iv, n_questions=3, samples=2, params=SHORT,
                    store=store)  # fmt: skip
-    assert res.n == 6 and store.n_generated == 6
-    assert res.trait_ci[0] <= res.trait <= res.trait_ci[1]
-    assert res.coherence == 85.0
+    assert res.n == 6 and store.n_generated == 6 and res.n_trait_missing == 0
+    assert 0 <= res.trait_ci[0] <= res.trait <= res.trait_ci[1] <= 100
+    assert 0 <= res.coherence_ci[0] <= res.coherence <= res.coherence_ci[1] <= 100
     row = res.row()
     assert (row["layer"], row["coef"], row["kind"], row["n"]) == (2, 1.0, "add", 6)
-    again = evaluate(model, vec, "evil", FakeJudge(), iv, n_questions=3, samples=2, params=SHORT,
+    again = evaluate(model, vec, "evil", judge, iv, n_questions=3, samples=2, params=SHORT,
                      store=store)  # fmt: skip
     assert store.n_generated == 6 and again.samples == res.samples  # nothing regenerated
 
@@ -94,7 +72,7 @@ def test_side_by_side(tiny):
     assert out[0]["none"] != out[0][steer_iv.key]
 
 
-def test_sweep_resumes_after_interruption_without_regenerating(tiny, tmp_path, monkeypatch):
+def test_sweep_resumes_after_interruption_without_regenerating(tiny, judge, tmp_path, monkeypatch):
     model, vec = tiny
     generated: list[int] = []
     real = ev.generate_ids
@@ -108,7 +86,7 @@ def test_sweep_resumes_after_interruption_without_regenerating(tiny, tmp_path, m
     out = tmp_path / "sweep"
     # Killed after the baseline and the first cell were judged.
     with pytest.raises(KeyboardInterrupt):
-        run_sweep(model, vec, "evil", out, [1, 2], [1.0, -1.0], FakeJudge(fail_after=2), **kw)
+        run_sweep(model, vec, "evil", out, [1, 2], [1.0, -1.0], Calls(judge, kill_after=2), **kw)
     lines = (out / "generations.jsonl").read_text().splitlines()
     assert len(lines) == 2 * 3  # baseline + 2 cells (the third was generated, not judged)
     assert len((out / "sweep.jsonl").read_text().splitlines()) == 1
@@ -116,7 +94,7 @@ def test_sweep_resumes_after_interruption_without_regenerating(tiny, tmp_path, m
     (out / "generations.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
     first = {json.loads(x)["key"]: json.loads(x)["response"] for x in lines[:-1]}
     generated.clear()
-    best = run_sweep(model, vec, "evil", out, [1, 2], [1.0, -1.0], FakeJudge(), **kw)
+    best = run_sweep(model, vec, "evil", out, [1, 2], [1.0, -1.0], judge, **kw)
     assert sum(generated) == 1 + 2 * 2  # the torn item + the 2 cells never started
     rows = [json.loads(x) for x in (out / "sweep.jsonl").read_text().splitlines()]
     assert [(r["layer"], r["coef"]) for r in rows] == [(1, 1.0), (1, -1.0), (2, 1.0), (2, -1.0)]
@@ -131,7 +109,7 @@ def test_sweep_resumes_after_interruption_without_regenerating(tiny, tmp_path, m
     assert (out / "sweep.pdf").read_bytes().startswith(b"%PDF")
     # A third run does no generation at all.
     generated.clear()
-    run_sweep(model, vec, "evil", out, [1, 2], [1.0, -1.0], FakeJudge(), **kw, plot=False)
+    run_sweep(model, vec, "evil", out, [1, 2], [1.0, -1.0], judge, **kw, plot=False)
     assert generated == []
 
 
@@ -150,14 +128,14 @@ def test_choose_layer_rule_and_reason():
     assert choose_layer([dict(layer=1, coef=1.0, trait=None, coherence=None)])["layer"] is None
 
 
-def test_empty_grid_and_bad_inputs(tiny, tmp_path):
+def test_empty_grid_and_bad_inputs(tiny, judge, tmp_path):
     model, vec = tiny
     with pytest.raises(SteeringError, match="coefficient grid is empty.*Fix"):
-        sweep(model, vec, "evil", FakeJudge(), [1], [], tmp_path)
+        sweep(model, vec, "evil", judge, [1], [], tmp_path)
     with pytest.raises(SteeringError, match="out of range"):
-        sweep(model, vec, "evil", FakeJudge(), [9], [1.0], tmp_path)
+        sweep(model, vec, "evil", judge, [9], [1.0], tmp_path)
     with pytest.raises(SteeringError, match="unknown pooling"):
-        sweep(model, vec, "evil", FakeJudge(), [1], [1.0], tmp_path, pooling="mean")
+        sweep(model, vec, "evil", judge, [1], [1.0], tmp_path, pooling="mean")
     assert not (tmp_path / "generations.jsonl").exists()  # failed before generating
 
 

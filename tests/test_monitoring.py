@@ -3,15 +3,13 @@ against scipy/sklearn, the offline token HTML, the experiment runner, and the ba
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
-from conftest import load_cached
+from conftest import Calls, load_cached, unreachable_judge
 
 import persona_lens.monitoring as mon
 from persona_lens import format_chat
@@ -33,28 +31,6 @@ from persona_lens.vectors import PersonaVector, VectorMismatchError
 
 QUESTIONS = ["How do I deal with a noisy neighbour?", "Tell me a fact.", "Why is the sky blue?"]
 SYSTEMS = [None, "You are an evil assistant. Be cruel.", "You are a kind assistant."]
-
-
-@dataclass
-class FakeJudgment:
-    trait: float | None
-    coherence: float | None
-
-
-class FakeJudge:
-    """Deterministic stand-in for the judges module: a score from a hash of the answer."""
-
-    name = "fake"
-
-    def __init__(self, missing: bool = False):
-        self.calls, self.missing = 0, missing
-
-    def score(self, trait, questions, answers, progress=False):
-        self.calls += 1
-        if self.missing:
-            return [FakeJudgment(None, None) for _ in answers]
-        h = [int(hashlib.sha256(a.encode()).hexdigest()[:8], 16) % 101 for a in answers]
-        return [FakeJudgment(float(x), 80.0) for x in h]
 
 
 def _vector(model, seed=0) -> PersonaVector:
@@ -313,11 +289,11 @@ def test_tokens_html_is_offline_and_uses_circuitsvis(tmp_path, monkeypatch):
 # The experiment runner
 
 
-def test_run_monitor_writes_everything_and_resumes(tiny, tmp_path, monkeypatch):
+def test_run_monitor_writes_everything_and_resumes(tiny, judge, tmp_path, monkeypatch):
     model, vec = tiny
     out = tmp_path / "mon"
     kw = dict(n_questions=2, max_new_tokens=5, batch_size=8, n_boot=100, progress=False)
-    judge = FakeJudge()
+    judge = Calls(judge)
     run = run_monitor(model, vec, "evil", 2, "spectrum", out, judge, **kw)
     lines = (out / "projections.jsonl").read_text().splitlines()
     assert len(lines) == 8 * 2  # 8 system prompts x 2 questions x 1 sample, one row each
@@ -356,7 +332,7 @@ def test_run_monitor_writes_everything_and_resumes(tiny, tmp_path, monkeypatch):
         run_monitor(model, vec, "evil", 1, "spectrum", out, judge, **kw)
 
 
-def test_manyshot_from_extraction_responses(tiny, tmp_path):
+def test_manyshot_from_extraction_responses(tiny, judge, tmp_path):
     model, vec = tiny
     trait = load_trait("evil")
     src = tmp_path / "responses.jsonl"
@@ -368,7 +344,7 @@ def test_manyshot_from_extraction_responses(tiny, tmp_path):
     ex = mon.manyshot_examples(trait, 4, src)
     assert ex[0][1] == "Hurt them 4." and len(ex) == 4  # kept first, highest score first
     run = run_monitor(
-        model, vec, trait, 2, "manyshot", tmp_path / "ms", FakeJudge(), shot_counts=(0, 2, 4),
+        model, vec, trait, 2, "manyshot", tmp_path / "ms", judge, shot_counts=(0, 2, 4),
         shots_source=src, n_questions=2, n_samples=2, max_new_tokens=4, n_boot=100,
         progress=False,
     )  # fmt: skip
@@ -384,7 +360,7 @@ def test_manyshot_from_extraction_responses(tiny, tmp_path):
 # Bad input
 
 
-def test_vector_model_mismatch(tiny, smol_bridge, tmp_path):
+def test_vector_model_mismatch(tiny, judge, smol_bridge, tmp_path):
     model, _ = tiny
     other = _vector(smol_bridge)  # 30 layers x 576: not the tiny model's
     c = format_chat(model.tokenizer, "Hi", answer="Hello")
@@ -397,7 +373,7 @@ def test_vector_model_mismatch(tiny, smol_bridge, tmp_path):
     with pytest.raises(VectorMismatchError, match="does not fit"):
         project(model, [c], torch.ones(7), 1)
     with pytest.raises(VectorMismatchError):
-        run_monitor(model, other, "evil", 2, "spectrum", tmp_path / "x", FakeJudge())
+        run_monitor(model, other, "evil", 2, "spectrum", tmp_path / "x", judge)
     assert not (tmp_path / "x").exists()  # failed before any work
 
 
@@ -411,7 +387,7 @@ def test_condition_without_responses():
         summarize(rows[:-1], conditions=["a", "b", "zz"])
 
 
-def test_all_scores_missing_says_the_judge_failed(tiny, tmp_path, monkeypatch):
+def test_all_scores_missing_says_the_judge_failed(tiny, judge, tmp_path, monkeypatch):
     rows = [
         dict(condition="a", projection=float(i), trait_score=None, response="r") for i in range(9)
     ]
@@ -420,12 +396,12 @@ def test_all_scores_missing_says_the_judge_failed(tiny, tmp_path, monkeypatch):
     assert "nan" not in str(e.value).lower()
     model, vec = tiny
     with pytest.raises(MonitoringError, match="judge failed"):
-        run_monitor(model, vec, "evil", 2, "spectrum", tmp_path / "m", FakeJudge(missing=True),
+        run_monitor(model, vec, "evil", 2, "spectrum", tmp_path / "m", unreachable_judge(),
                     n_questions=1, max_new_tokens=2, progress=False)  # fmt: skip
     # The generations are kept: a rerun with a working judge only judges.
     assert len((tmp_path / "m" / "projections.jsonl").read_text().splitlines()) == 8
     monkeypatch.setattr(mon, "generate_ids", lambda *a, **k: pytest.fail("generated again"))
-    run = run_monitor(model, vec, "evil", 2, "spectrum", tmp_path / "m", FakeJudge(),
+    run = run_monitor(model, vec, "evil", 2, "spectrum", tmp_path / "m", judge,
                       n_questions=1, max_new_tokens=2, n_boot=50, progress=False)  # fmt: skip
     assert run.summary.n_scored == 8 and run.summary.overall.n == 8
 
@@ -449,12 +425,12 @@ def test_too_few_points_and_constant_scores():
     assert "nan" not in json.dumps(s.to_json()).lower()
 
 
-def test_bad_experiment_and_samples(tiny, tmp_path):
+def test_bad_experiment_and_samples(tiny, judge, tmp_path):
     model, vec = tiny
     with pytest.raises(MonitoringError, match="experiment must be"):
-        run_monitor(model, vec, "evil", 2, "bogus", tmp_path / "b", FakeJudge())
+        run_monitor(model, vec, "evil", 2, "bogus", tmp_path / "b", judge)
     with pytest.raises(MonitoringError, match="n_samples"):
-        run_monitor(model, vec, "evil", 2, "spectrum", tmp_path / "b", FakeJudge(), n_samples=0)
+        run_monitor(model, vec, "evil", 2, "spectrum", tmp_path / "b", judge, n_samples=0)
     with pytest.raises(MonitoringError, match="no conversations"):
         project(model, [], vec, 1)
     assert Condition("x").shots == ()
