@@ -105,11 +105,14 @@ def plot_monitor(
             ax.set_ylabel(label)
         axes[2].set_ylim(-3, 103)
         axes[1].set_title("Projection per condition")
-        between = _get(summary, "between_means")
+        rs = [
+            f"{what} = {_get(c, 'r'):.2f}"
+            for what, c in (("r(condition means)", _get(summary, "between_means")),
+                            ("r(prompt means)", _get(summary, "prompt_means")))
+            if c is not None
+        ]  # fmt: skip
         axes[2].set_title(
-            "Trait score per condition"
-            + (f"\nr(means) = {_get(between, 'r'):.2f}" if between is not None else ""),
-            fontsize=9,
+            "\n".join(["Trait score per condition", ", ".join(rs)]).strip(), fontsize=9
         )
         if title:
             fig.suptitle(title)
