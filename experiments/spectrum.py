@@ -2,7 +2,7 @@
 `make demo` extracted: 8 system prompts x 20 evaluation questions, one sampled answer each
 (temperature 1, 64 tokens; --samples N for N), last-prompt-token projection at the layer the
 demo's sweep chose, scored by the offline judge. Resumable; writes runs/monitor-TRAIT/ and
-experiments/results/spectrum.json (the README's monitoring table).
+experiments/results/spectrum.json and spectrum-TRAIT.png (the README's monitoring figures).
 
     make demo && .venv/bin/python experiments/spectrum.py
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,6 +33,7 @@ def main():
     args = ap.parse_args()
     model = load_model("smollm2-135m")
     results = {}
+    RESULTS.mkdir(exist_ok=True)
     for name in args.traits.split(","):
         layer = json.loads((args.demo / name / "sweep" / "best.json").read_text())["layer"]
         tag = f"-x{args.samples}" if args.samples > 1 else ""
@@ -48,8 +50,8 @@ def main():
             auroc=s.classifier.auroc if s.classifier else None,
             condition_means={c.label: (c.mean_projection, c.mean_trait) for c in s.conditions},
         )  # fmt: skip
+        shutil.copy(run.files["monitor_png"], RESULTS / f"spectrum-{name}{tag}.png")
         print(name, f"layer {layer}:", s.overall, "| per prompt:", s.prompt_means)
-    RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"spectrum{tag}.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
